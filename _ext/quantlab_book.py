@@ -1,0 +1,54 @@
+"""Sphinx extension for the quantlab book: ship plotly.js and MathJax with the site (no CDN).
+
+The book must work offline and in a closed network (the browser test runs without internet), so
+the two JavaScript libraries a page needs are copied from installed Python packages into
+``_static/`` instead of being fetched from a CDN:
+
+* ``plotly.min.js`` from the ``plotly`` package, loaded once per page in ``<head>``; the labs' static
+  figures are plain ``<div>`` + ``Plotly.newPlot`` snippets (see ``quantlab.viz``).
+* MathJax 3 (``tex-chtml.js`` and the components it loads lazily) from ``sphinx-mathjax-offline``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+from pathlib import Path
+
+_MATHJAX_DIRS = ("a11y", "adaptors", "input", "output", "sre", "ui")
+
+
+def _plotly_js() -> Path:
+    import plotly
+
+    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+
+
+def _mathjax_dir() -> Path:
+    dist = importlib.metadata.distribution("sphinx-mathjax-offline")
+    return Path(str(dist.locate_file("sphinx-mathjax-offline/static/mathjax")))
+
+
+def _on_builder_inited(app) -> None:
+    # plotly.js goes in <head> without defer, so inline figure scripts in the body can call Plotly.
+    app.add_js_file("plotly.min.js", priority=200)
+
+
+def _on_build_finished(app, exc) -> None:
+    if exc is not None or app.builder.format != "html":
+        return
+    static = Path(app.outdir) / "_static"
+    static.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(_plotly_js(), static / "plotly.min.js")
+    src = _mathjax_dir()
+    dst = static / "mathjax"
+    dst.mkdir(exist_ok=True)
+    shutil.copy2(src / "tex-chtml.js", dst / "tex-chtml.js")
+    for name in _MATHJAX_DIRS:
+        shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+
+
+def setup(app):
+    app.connect("builder-inited", _on_builder_inited)
+    app.connect("build-finished", _on_build_finished)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
