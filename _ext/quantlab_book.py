@@ -15,7 +15,9 @@ import importlib.metadata
 import shutil
 from pathlib import Path
 
-_MATHJAX_DIRS = ("a11y", "adaptors", "input", "output", "sre", "ui")
+# tex-chtml.js bundles the TeX input and CHTML output; these are the parts it loads lazily (fonts,
+# menu, accessibility, autoloaded TeX packages). The speech-rule engine (sre/, 4 MB) is left out.
+_MATHJAX_DIRS = ("a11y", "adaptors", "input", "output/chtml", "ui")
 
 
 def _plotly_js() -> Path:

@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
         cfg.setdefault("execute", {})["execute_notebooks"] = "off"
+        # Paths in the config are relative to the config file: point them back at the repository.
+        local = cfg.get("sphinx", {}).get("local_extensions", {})
+        for name, path in local.items():
+            local[name] = str(ROOT / path)
         config = out / "_config.yml"
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [jb, "build", str(ROOT), "--config", str(config), "--path-output", str(out), "-W", "--keep-going"]
