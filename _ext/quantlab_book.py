@@ -36,6 +36,23 @@ def _on_builder_inited(app) -> None:
     app.add_js_file("plotly.min.js", priority=200)
 
 
+def _dedupe_scripts(app, pagename, templatename, context, doctree) -> None:
+    """Drop repeated inline scripts: sphinx-thebe 0.3 registers its ``const THEBE_JS_URL`` snippet once
+    per read phase, and a second copy is a JavaScript error ("already been declared") on every page."""
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for js in scripts:
+        # the same snippet is registered once with filename None and once with "": compare contents
+        key = (getattr(js, "filename", None) or "", repr(sorted(getattr(js, "attributes", {}).items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(js)
+    scripts[:] = unique
+
+
 def _on_build_finished(app, exc) -> None:
     if exc is not None or app.builder.format != "html":
         return
@@ -52,5 +69,6 @@ def _on_build_finished(app, exc) -> None:
 
 def setup(app):
     app.connect("builder-inited", _on_builder_inited)
+    app.connect("html-page-context", _dedupe_scripts, priority=100)
     app.connect("build-finished", _on_build_finished)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
