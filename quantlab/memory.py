@@ -115,7 +115,9 @@ FORMATS: dict[str, WeightFormat] = {
         WeightFormat(
             "INT4-g128", 4, group_bits_per_weight(4, 128, 16, 4), "4-bit, group 128, fp16 scale + 4-bit zero"
         ),
-        WeightFormat("INT3-g128", 3, group_bits_per_weight(3, 128, 16, 3), "3-bit, group 128, fp16 scale + zero"),
+        WeightFormat(
+            "INT3-g128", 3, group_bits_per_weight(3, 128, 16, 3), "3-bit, group 128, fp16 scale + zero"
+        ),
         WeightFormat("NF4", 4, group_bits_per_weight(4, 64, 32), "QLoRA NF4, block 64, fp32 absmax"),
         WeightFormat(
             "NF4-DQ",
@@ -244,7 +246,9 @@ def format_bits_per_weight(fmt: str | WeightFormat, preset: ModelPreset | None =
     if f.bits_per_weight is not None:
         return f.bits_per_weight
     if preset is None:
-        raise ValueError(f"format {f.name!r} mixes precisions per tensor: pass preset= (one of {list(PRESETS)})")
+        raise ValueError(
+            f"format {f.name!r} mixes precisions per tensor: pass preset= (one of {list(PRESETS)})"
+        )
     if f.name == "Q4_K_M":
         return _q4_k_m_bits(preset)
     raise ValueError(f"no tensor recipe is known for mixed format {f.name!r}")
@@ -351,7 +355,9 @@ def model_memory(
     preset: ModelPreset | None
     if isinstance(model, str):
         if model not in PRESETS:
-            raise ValueError(f"unknown model {model!r}; valid presets: {list(PRESETS)} (or pass a parameter count)")
+            raise ValueError(
+                f"unknown model {model!r}; valid presets: {list(PRESETS)} (or pass a parameter count)"
+            )
         preset = PRESETS[model]
     elif isinstance(model, ModelPreset):
         preset = model
@@ -359,7 +365,9 @@ def model_memory(
         preset = None
     if preset is not None:
         name = preset.name
-        n_params = preset.nominal_params if (use_nominal_params and preset.nominal_params) else preset.n_params
+        n_params = (
+            preset.nominal_params if (use_nominal_params and preset.nominal_params) else preset.n_params
+        )
     else:
         n_params = check_positive(model, "model")
         name = f"{n_params / 1e9:g}B"
@@ -369,7 +377,9 @@ def model_memory(
     kv = 0.0
     if context_length:
         if preset is None:
-            raise ValueError("a KV cache size needs an architecture: pass a preset name, not a parameter count")
+            raise ValueError(
+                "a KV cache size needs an architecture: pass a preset name, not a parameter count"
+            )
         kv = kv_cache_bytes(preset, context_length, batch_size, kv_bits)
     return MemoryReport(
         model=name,

@@ -26,7 +26,9 @@ def site_size_mb(html: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--execute", action="store_true", help="execute the labs (jupyter-cache)")
     group.add_argument("--no-execute", action="store_true", help="render committed outputs only")

@@ -38,14 +38,18 @@ def leaked_paths(nb: nbformat.NotebookNode) -> list[str]:
 
 def run(path: Path, timeout: int = 900) -> float:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(LABS)}})
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(LABS)}}
+    )
     t0 = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - t0
     strip_volatile(nb)
     leaks = leaked_paths(nb)
     if leaks:
-        raise RuntimeError(f"{path.name}: outputs contain machine-specific paths {leaks}; print relative paths")
+        raise RuntimeError(
+            f"{path.name}: outputs contain machine-specific paths {leaks}; print relative paths"
+        )
     nbformat.write(nb, path)
     return elapsed
 

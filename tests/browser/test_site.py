@@ -166,7 +166,9 @@ def _check_controls(page, i: int, page_path: str) -> None:
             page.wait_for_timeout(150)
             if _svg_signature(page, i) != before:
                 break
-        assert _svg_signature(page, i) != before, f"moving slider {s} of figure {i} on {page_path} changed nothing"
+        assert _svg_signature(page, i) != before, (
+            f"moving slider {s} of figure {i} on {page_path} changed nothing"
+        )
     buttons = fig.locator("g.updatemenu-button")
     if buttons.count() > 1:
         before = _svg_signature(page, i)
