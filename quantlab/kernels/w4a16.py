@@ -60,6 +60,7 @@ __all__ = [
     "dequantize_int4",
     "dequantize_int4_reference",
     "interpreter_mode",
+    "load_triton",
     "triton_available",
     "unpack_int4_reference",
     "w4a16_matmul",
@@ -233,16 +234,25 @@ def _w4a16_kernel(
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-@functools.cache
-def _build(interpret: bool):
-    """Import Triton in the right mode and turn the plain functions above into Triton kernels.
+def load_triton(device: torch.device | str = "cpu"):
+    """Import Triton in the mode that ``device`` needs and return ``(triton, triton.language)``.
 
     Triton decides between compiling and interpreting when ``triton`` is first *imported* (its own
-    library functions such as ``tl.zeros`` are jitted then). So on a machine without a GPU the first
-    launch sets ``TRITON_INTERPRET=1`` and then imports Triton; if Triton was already imported in
-    compiled mode in this process, interpretation is impossible and we say so.
+    library functions such as ``tl.zeros`` are jitted then). So for a CPU device on a machine without
+    a GPU this sets ``TRITON_INTERPRET=1`` before the import; if Triton was already imported in
+    compiled mode in this process, interpretation is impossible and we say so. Labs call this once
+    before defining their own ``@triton.jit`` kernels.
+
+    Raises:
+        RuntimeError: Triton is not installed, or was imported before the interpreter could be enabled.
     """
     global tl
+    if not triton_available():
+        raise RuntimeError(
+            "Triton is not installed here (it ships wheels for Linux only); the pure-PyTorch reference "
+            "functions (w4a16_matmul_reference, dequantize_int4_reference) work everywhere"
+        )
+    interpret = interpreter_mode(torch.device(device))
     if interpret and os.environ.get("TRITON_INTERPRET") != "1":
         if "triton" in sys.modules:
             raise RuntimeError(
@@ -254,6 +264,13 @@ def _build(interpret: bool):
     import triton.language
 
     tl = triton.language
+    return triton, triton.language
+
+
+@functools.cache
+def _build(interpret: bool):
+    """The plain functions above, turned into Triton kernels (built once per mode)."""
+    triton, _ = load_triton("cpu" if interpret else "cuda")
     return triton.jit(_dequant_kernel), triton.jit(_w4a16_kernel)
 
 
