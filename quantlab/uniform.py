@@ -101,10 +101,13 @@ def round_half_to_even(x: torch.Tensor) -> torch.Tensor:
 def round_half_away_from_zero(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest, ties away from zero (C's ``roundf``): 0.5 -> 1, -2.5 -> -3.
 
-    ``floor(|x| + 0.5)`` is exact in binary floating point for every ``|x| < 2^(p-1)``, the range that
-    matters for codes.
+    Computed as ``floor(|x|)`` plus one where the fractional part is ``>= 0.5``. Both steps are exact
+    in binary floating point, unlike the common ``floor(|x| + 0.5)``, whose addition rounds the largest
+    float below 0.5 up to 1.
     """
-    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+    a = torch.abs(x)
+    whole = torch.floor(a)
+    return torch.sign(x) * (whole + (a - whole >= 0.5).to(x.dtype))
 
 
 def round_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
