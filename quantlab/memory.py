@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from quantlab._checks import check_int, check_n_bits, check_positive
+from quantlab.gguf import BLOCK_FORMATS
+from quantlab.packing import bits_per_weight as group_bits_per_weight
 
 __all__ = [
     "FORMATS",
@@ -36,7 +38,6 @@ __all__ = [
     "WeightFormat",
     "format_bits_per_weight",
     "gib",
-    "group_bits_per_weight",
     "kv_cache_bytes",
     "memory_table",
     "model_memory",
@@ -53,32 +54,6 @@ def gib(n_bytes: float) -> float:
 
 # -----------------------------------------------------------------------------
 # Bits per weight of a format
-
-
-def group_bits_per_weight(
-    n_bits: float, group_size: int | None = None, scale_bits: int = 16, zero_point_bits: int = 0
-) -> float:
-    """True bits per weight of a uniform format with one scale (and zero-point) per group.
-
-    Args:
-        n_bits: bits of each code.
-        group_size: weights sharing one scale; ``None`` means the overhead is negligible
-            (per-tensor, or per-channel of a large matrix).
-        scale_bits: bits of each stored scale (16 for an fp16 scale).
-        zero_point_bits: bits of each stored zero-point (0 for symmetric formats).
-
-    Returns:
-        ``n_bits + (scale_bits + zero_point_bits) / group_size``.
-
-    >>> group_bits_per_weight(4, 128, scale_bits=16, zero_point_bits=4)
-    4.15625
-    """
-    if group_size is None:
-        return float(n_bits)
-    group_size = check_int(group_size, "group_size")
-    if group_size <= 0:
-        raise ValueError(f"group_size must be a positive int or None, got {group_size}")
-    return float(n_bits) + (scale_bits + zero_point_bits) / group_size
 
 
 @dataclass(frozen=True)
@@ -99,11 +74,11 @@ class WeightFormat:
     description: str = ""
 
 
-# Block formats are counted from their byte layout: bits = 8 * bytes_per_block / weights_per_block.
-_Q8_0 = 8 * 34 / 32  # fp16 scale + 32 int8 codes
-_Q4_0 = 8 * 18 / 32  # fp16 scale + 32 4-bit codes
-_Q4_K = 8 * 144 / 256  # fp16 d, dmin + 12 bytes of 6-bit scales/mins + 128 bytes of codes
-_Q6_K = 8 * 210 / 256  # 128 bytes low bits + 64 high bits + 16 int8 scales + fp16 d
+# Block formats are counted from their byte layout (quantlab.gguf): bits = 8 * bytes / weights per block.
+_Q8_0 = BLOCK_FORMATS["Q8_0"].bits_per_weight  # fp16 scale + 32 int8 codes: 8.5
+_Q4_0 = BLOCK_FORMATS["Q4_0"].bits_per_weight  # fp16 scale + 32 4-bit codes: 4.5
+_Q4_K = BLOCK_FORMATS["Q4_K"].bits_per_weight  # fp16 d, dmin, 12 B of 6-bit scales/mins, 128 B codes
+_Q6_K = BLOCK_FORMATS["Q6_K"].bits_per_weight  # 128 B low bits + 64 B high bits + 16 int8 scales + fp16 d
 
 FORMATS: dict[str, WeightFormat] = {
     f.name: f
