@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton picks compiled vs interpreted mode when it is first imported, and in one pytest process
+# some other import may load it before the kernel tests run: on a machine without a GPU, decide
+# for the interpreter up front (quantlab.kernels.w4a16.load_triton does the same in a notebook).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
