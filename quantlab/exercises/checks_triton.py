@@ -113,7 +113,8 @@ UNPACK_INT4 = Exercise(
             _u_shift_by_index,
         ),
         Mistake(
-            "assumed two codes per container: the word holding element offs is offs // PER (PER = 8 for int32), "
+            "assumed two codes per container: the word holding element offs is offs // PER "
+            "(PER = 8 for int32), "
             "and the nibble within it is offs % PER.",
             _u_two_per_container,
         ),
@@ -194,8 +195,9 @@ W4A16_TILE_LOOP = Exercise(
     title="The K loop of the fused W4A16 GEMM",
     signature="matmul(x, packed, scale, zero_point, group_size) -> y (your launcher around the GEMM kernel)",
     hint=(
-        "for k0 in range(0, K, BLOCK_K): rk = k0 + tl.arange(0, BLOCK_K); load the x tile and the packed words "
-        "with masks on rk < K, unpack, g = rk // group_size, w = (code - z) * s, acc += tl.dot(x, tl.trans(w))"
+        "for k0 in range(0, K, BLOCK_K): rk = k0 + tl.arange(0, BLOCK_K); load the x tile and the packed "
+        "words with masks on rk < K, unpack, g = rk // group_size, w = (code - z) * s, "
+        "acc += tl.dot(x, tl.trans(w))"
     ),
     reference=_ref_matmul,
     cases=_tile_cases,
