@@ -86,7 +86,8 @@ def check_float_tensor(
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(
-            f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got dtype {x.dtype}; "
+            f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
+            f"got dtype {x.dtype}; "
             f"convert it first, e.g. {name}.float()"
         )
     if ndim is not None and x.ndim != ndim:
