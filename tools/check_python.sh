@@ -9,6 +9,6 @@ fi
 ver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 if [ "$ver" != "3.11" ]; then
   echo "error: $py is Python $ver, but quantlab pins Python 3.11 (torch==2.13.0 and the lock are resolved for it)." >&2
-  echo "       Install Python 3.11 and run: make PYTHON=python3.11 ..., or 'conda env create -f environment.yml'." >&2
+  echo "       Install Python 3.11 and run: make SYSPY=python3.11 ..., or 'conda env create -f environment.yml'." >&2
   exit 1
 fi

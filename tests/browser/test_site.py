@@ -156,7 +156,7 @@ def _check_controls(page, i: int, page_path: str) -> None:
     n_sliders = fig.locator("g.slider-container").count()
     for s in range(n_sliders):
         before = _svg_signature(page, i)
-        rail = fig.locator("g.slider-container").nth(s).locator("rect.slider-rail-touch-rect")
+        rail = fig.locator("g.slider-container").nth(s).locator("rect.slider-rail-touch-rect").first
         box = rail.bounding_box()
         assert box is not None, f"slider {s} of figure {i} on {page_path} is not visible"
         # click near the far end of the rail: a different step from the initial one (which is not
