@@ -8,7 +8,8 @@ quantized, to Q4_1 (4-bit codes with a float16 scale and minimum per block of 32
 linear layers and Q8_0 for the token embedding; only the RMSNorm weights are stored in float32.
 We dequantize them with quantlab's own block code (:mod:`quantlab.gguf`) and treat those float32
 values as the reference model. Re-quantizing them is still instructive (the grid of another method
-does not coincide with Q4_1's), but the reference is a 4.5-bit model, not the original bf16 one.
+does not coincide with Q4_1's), but the reference is a 5-bit model (Q4_1 stores 20 bytes per 32
+weights), not the original bf16 one.
 
 Two details of the GGUF layout matter:
 
