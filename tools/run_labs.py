@@ -21,7 +21,7 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 LABS = ROOT / "labs"
-_ABS_PATH = re.compile(r"(/work/|/root/|/home/[^/\s]+/|/tmp/)")
+_ABS_PATH = re.compile(r"(/(?:work|root|tmp)/|/home/[^/\s]+/)")
 
 
 def strip_volatile(nb: nbformat.NotebookNode) -> None:
