@@ -5,9 +5,6 @@ a student would write them (the diagnosis must come from the outputs, not from t
 from __future__ import annotations
 
 import itertools
-import sys
-import types
-from types import MappingProxyType
 
 import pytest
 import torch
@@ -21,27 +18,12 @@ PAIRS = [(ex, m) for ex in OWN for m in ex.mistakes]
 
 
 @pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    """Register labs 03 and 04 for the test if :data:`core.CHECK_MODULES` does not list them yet.
-
-    Lab 04's exercise is re-exported as ``EXERCISES`` by a stand-in module, as a lab 04 checks module
-    would do.
-    """
-    labs = dict(core.CHECK_MODULES)
-    if "03" not in labs:
-        labs["03"] = checks_outliers.__name__
-    if "04" not in labs:
-        stand_in = types.ModuleType("_quantlab_test_checks_lab04")
-        stand_in.EXERCISES = checks_outliers.LAB04_EXERCISES
-        monkeypatch.setitem(sys.modules, stand_in.__name__, stand_in)
-        labs["04"] = stand_in.__name__
-    monkeypatch.setattr(core, "CHECK_MODULES", MappingProxyType(dict(sorted(labs.items()))))
-    core._lab_exercises.cache_clear()
+def _one_thread():
+    """The cases are tiny: a thread pool only adds overhead (a lot of it on a busy machine)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the cases are tiny: a thread pool only adds overhead (a lot on a busy machine)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    core._lab_exercises.cache_clear()
 
 
 def _failure(exercise_id, fn) -> str:
