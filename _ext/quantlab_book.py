@@ -7,13 +7,21 @@ the two JavaScript libraries a page needs are copied from installed Python packa
 * ``plotly.min.js`` from the ``plotly`` package, loaded once per page in ``<head>``; the labs' static
   figures are plain ``<div>`` + ``Plotly.newPlot`` snippets (see ``quantlab.viz``).
 * MathJax 3 (``tex-chtml.js`` and the components it loads lazily) from ``sphinx-mathjax-offline``.
+
+It also provides the ``build-report`` directive of the status page: the lab execution times and the
+build's wall time that ``tools/build_book.py --execute`` measured (``_build/build_report.json``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import shutil
 from pathlib import Path
+
+from docutils import nodes
+from docutils.statemachine import StringList
+from sphinx.util.docutils import SphinxDirective
 
 # tex-chtml.js bundles the TeX input and CHTML output; these are the parts it loads lazily (fonts,
 # menu, accessibility, autoloaded TeX packages). The speech-rule engine (sre/, 4 MB) is left out.
@@ -67,7 +75,48 @@ def _on_build_finished(app, exc) -> None:
         shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
 
 
+class BuildReport(SphinxDirective):
+    """Render ``_build/build_report.json`` (written by ``tools/build_book.py --execute``) as a table."""
+
+    def run(self):
+        if self.config.nb_execution_mode == "off":
+            text = ("This copy of the site was rendered from the outputs committed with the labs "
+                    "(`make test`'s book check), so no lab was executed while building it.")
+            return [nodes.paragraph(text=text)]
+        path = Path(self.env.srcdir) / "_build" / "build_report.json"
+        if not path.is_file():
+            return [nodes.paragraph(text="No build report: build the book with `make book`.")]
+        report = json.loads(path.read_text())
+        # the directive is used in a MyST page, whose nested content is parsed as Markdown
+        rows = ["| lab | this build | execution time (s) |", "|---|---|---:|"]
+        for name, lab in report["labs"].items():
+            seconds = lab.get("seconds")
+            status = {"cached": "cached (code unchanged)"}.get(lab["status"], lab["status"])
+            rows.append(f"| `{name}` | {status} | {f'{seconds:.0f}' if seconds else '-'} |")
+        executed = sum(v["status"] == "executed" for v in report["labs"].values())
+        threads = f", {report['threads']} torch thread(s) each" if report.get("threads") else ""
+        lines = [
+            f"Labs executed in this build: {executed} of {len(report['labs'])}, in "
+            f"{report['execution_wall_s']:.0f} s of wall time ({report['workers']} at a time{threads}).",
+            "",
+        ]
+        if report.get("previous_total_wall_s"):
+            lines += [f"The previous `make book` in this folder took {report['previous_total_wall_s']:.0f} s "
+                      "in all (execution and rendering).", ""]
+        lines += rows
+        container = nodes.container()
+        self.state.nested_parse(StringList(lines), self.content_offset, container)
+        return container.children
+
+
+def _always_reread_status(app, env, added, changed, removed):
+    # the report changes with every build, the page's source does not
+    return [doc for doc in env.found_docs if doc.endswith("status")]
+
+
 def setup(app):
+    app.add_directive("build-report", BuildReport)
+    app.connect("env-get-outdated", _always_reread_status)
     app.connect("builder-inited", _on_builder_inited)
     app.connect("html-page-context", _dedupe_scripts, priority=100)
     app.connect("build-finished", _on_build_finished)
