@@ -269,6 +269,11 @@ def test_first_difference_describes_values_shapes_and_nans():
     assert core.first_difference(e, e + 1e-7, rtol=1e-6) is None
     both_nan = torch.tensor([float("nan")])
     assert core.first_difference(both_nan, both_nan.clone()) is None
+    infinities = torch.tensor([float("inf"), -float("inf"), 1.0])
+    assert core.first_difference(infinities, infinities.clone(), rtol=1e-3) is None
+    assert core.first_difference(infinities, -infinities) == (
+        "the result at index [0]: expected inf, got -inf; 3 of 3 values differ"
+    )
     pair = (torch.tensor(1.0), torch.tensor(2.0))
     assert core.first_difference(pair, (1.0, 3.0), names=("scale", "zero_point")) == (
         "zero_point: expected 2, got 3"

@@ -147,7 +147,8 @@ def first_difference(
     """Describe the first way ``got`` differs from ``expected``; ``None`` if they agree.
 
     Tensors (or tuples of tensors) are compared by shape, then by value with
-    ``|got - expected| <= atol + rtol * |expected|`` (exactly when both are 0); NaNs never match.
+    ``|got - expected| <= atol + rtol * |expected|`` (exactly when both are 0); equal values always
+    match (also equal infinities, whose difference is NaN), and a NaN matches only a NaN.
     Python numbers are accepted where the reference returns a 0-d tensor.
 
     Args:
@@ -197,6 +198,7 @@ def first_difference(
     bad = ~(torch.abs(g64 - e64) <= atol + rtol * torch.abs(e64))
     bad |= torch.isnan(g64) ^ torch.isnan(e64)
     bad &= ~(torch.isnan(g64) & torch.isnan(e64))
+    bad &= ~(g64 == e64)  # inf == inf: the tolerance test above says NaN for it
     if not bool(bad.any()):
         return None
     n_bad = int(bad.sum())
