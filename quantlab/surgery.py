@@ -860,7 +860,10 @@ def _apply_gptq(ctx: QuantContext) -> None:
     _run_gptq(ctx, {k: ctx.config[k] for k in _GPTQ_KEYS})
 
 
-_AWQ_SEARCH_KEYS = ("n_grid", "auto_scale", "auto_clip", "clip_n_grid", "max_shrink", "n_sample_tokens")
+_AWQ_SEARCH_KEYS = (
+    "n_grid", "auto_scale", "auto_clip", "clip_n_grid", "max_shrink", "n_sample_tokens", "clip_method",
+    "oc_batch_size",
+)  # fmt: skip
 
 
 def _awq_adapter(ctx: QuantContext) -> _awq.BlockAdapter:
@@ -941,6 +944,8 @@ def _awq_check(in_features: int, config: dict[str, Any]) -> None:
     for key in ("auto_scale", "auto_clip"):
         if not isinstance(config[key], bool):
             raise TypeError(f"{key} must be a bool, got {config[key]!r}")
+    if config["clip_method"] not in ("reference", "matmul"):
+        raise ValueError(f"clip_method must be 'reference' or 'matmul', got {config['clip_method']!r}")
 
 
 def _awq_gptq_check(in_features: int, config: dict[str, Any]) -> None:
@@ -1070,7 +1075,7 @@ def _register_builtins() -> None:
                      "true_sequential": True}  # fmt: skip
     awq_defaults = {"n_bits": 4, "group_size": 128, "zero_point": True, "n_grid": 20, "auto_scale": True,
                     "auto_clip": True, "clip_n_grid": 20, "max_shrink": 0.5,
-                    "n_sample_tokens": 512}  # fmt: skip
+                    "n_sample_tokens": 512, "clip_method": "reference", "oc_batch_size": None}  # fmt: skip
     methods += [
         Method(
             name="gptq",
@@ -1267,8 +1272,9 @@ def quantize_model(
             gptq: ``n_bits``, ``group_size``, ``symmetric``, ``act_order``, ``static_groups``,
             ``block_size``, ``damp``, ``true_sequential``. awq: ``n_bits``, ``group_size``,
             ``zero_point``, ``n_grid``, ``auto_scale``, ``auto_clip``, ``clip_n_grid``, ``max_shrink``,
-            ``n_sample_tokens``. smoothquant: ``alpha``, ``n_bits``, ``weight_quant``, ``act_quant``,
-            ``quantize_output``.
+            ``n_sample_tokens``, ``clip_method`` ("reference" is llm-awq's arithmetic; "matmul" is much
+            faster on a CPU), ``oc_batch_size``. smoothquant: ``alpha``, ``n_bits``, ``weight_quant``,
+            ``act_quant``, ``quantize_output``.
 
     Returns:
         A :class:`QuantReport` (per-layer errors, true bits per weight, memory before/after, time).

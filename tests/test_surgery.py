@@ -374,6 +374,7 @@ def test_adapter_detection():
         ({"method": "gptq", "damp": -1.0, "calibration": "ok"}, ValueError, "damp"),
         ({"method": "awq", "auto_clip": "yes", "calibration": "ok"}, TypeError, "auto_clip must be a bool"),
         ({"method": "awq", "n_grid": 0, "calibration": "ok"}, ValueError, "n_grid"),
+        ({"method": "awq", "clip_method": "fast", "calibration": "ok"}, ValueError, "clip_method must be"),
         ({"method": "gguf_q4_0", "fallback": "Q5_0"}, ValueError, "fallback"),
     ],
 )
@@ -403,3 +404,23 @@ def test_unmatched_exclude_pattern_is_noted():
     report = quantize_model(tiny_gpt(n_layer=1), "bf16", exclude=("lm_head", "no_such_layer"))
     assert any("no_such_layer" in note for note in report.notes)
     assert math.isfinite(report.bits_per_weight) and "bf16" in str(report)
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_search_options_reach_the_search(method, monkeypatch):
+    """clip_method and oc_batch_size are passed to quantlab.awq.awq_quantize_model, not dropped."""
+    import quantlab.awq
+
+    seen = {}
+    original = quantlab.awq.awq_quantize_model
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quantlab.awq, "awq_quantize_model", spy)
+    model = tiny_llama(n_layers=1)
+    quantize_model(model, method, calibration=calibration(model), clip_method="matmul", oc_batch_size=32,
+                   **FAST[method])  # fmt: skip
+    assert seen["clip_method"] == "matmul" and seen["oc_batch_size"] == 32
+    assert METHODS[method].defaults["clip_method"] == "reference"  # llm-awq's arithmetic unless asked
