@@ -51,7 +51,7 @@ from quantlab._checks import (
     check_positive,
     check_probability,
 )
-from quantlab.uniform import dequantize, qrange, quantize
+from quantlab.uniform import qrange
 
 __all__ = [
     "LLAMA_ADAPTER",
@@ -134,9 +134,13 @@ def _check_scales(s: torch.Tensor, n: int, name: str = "s") -> torch.Tensor:
 
 
 def _quantize_rows(
-    w: torch.Tensor, n_bits: int, zero_point: bool
+    w: torch.Tensor, n_bits: int, zero_point: bool, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fake-quantize each row of ``w`` ``(rows, group_size)`` with its own scale and zero-point.
+
+    No input checks: the scale and clip searches call this thousands of times per model on weights
+    checked once at the public entry point. ``inplace=True`` overwrites ``w`` with the result (for a
+    temporary the caller owns; it saves allocating and filling two more tensors of ``w``'s size).
 
     Returns ``(w_q, scale, zero)`` with ``scale``/``zero`` of shape ``(rows, 1)``.
     """
@@ -155,8 +159,11 @@ def _quantize_rows(
         max_val = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)  # (rows, 1)
         scale = max_val / qmax
         zero = torch.zeros_like(scale)
-    codes = quantize(w, scale, zero, qmin, qmax)  # clamp(round(w / scale) + zero, qmin, qmax)
-    return dequantize(codes, scale, zero), scale, zero
+    # The arithmetic of quantlab.uniform.quantize then dequantize, op for op (scale > 0 by the clamps
+    # above): codes = clamp(round(w / scale) + zero, qmin, qmax), then (codes - zero) * scale.
+    codes = w.div_(scale) if inplace else w / scale  # (rows, group_size)
+    codes.round_().add_(zero).clamp_(qmin, qmax)
+    return codes.sub_(zero).mul_(scale), scale, zero
 
 
 def awq_quantize(
@@ -237,7 +244,11 @@ def ratio_scales(stat: torch.Tensor, ratio: float) -> torch.Tensor:
         ``(in,)`` positive scales.
     """
     check_float_tensor(stat, "stat", ndim=1)
-    ratio = check_positive(ratio, "ratio", allow_zero=True)
+    return _ratio_scales(stat, check_positive(ratio, "ratio", allow_zero=True))
+
+
+def _ratio_scales(stat: torch.Tensor, ratio: float) -> torch.Tensor:
+    """:func:`ratio_scales` without the input checks (the grid search calls it once per grid point)."""
     s = stat.pow(ratio).clamp(min=1e-4).view(-1)  # (in,)
     return s / (s.max() * s.min()).sqrt()
 
@@ -273,8 +284,9 @@ def _scaled_fake_quantize(
 ) -> torch.Tensor:
     """:func:`quantize_with_scales` without the input checks (the searches call it once per candidate)."""
     s_row = s.view(1, -1)  # (1, in)
-    w_q = _quantize_rows((W * s_row).reshape(-1, gs), n_bits, zero_point)[0]  # (out * n_groups, group_size)
-    return w_q.reshape(W.shape) / s_row  # (out, in)
+    scaled = (W * s_row).reshape(-1, gs)  # (out * n_groups, group_size), a temporary: quantized in place
+    w_q = _quantize_rows(scaled, n_bits, zero_point, inplace=True)[0]
+    return w_q.reshape(W.shape).div_(s_row)  # (out, in)
 
 
 def _mse(reference: torch.Tensor, out: torch.Tensor) -> float:
@@ -340,7 +352,7 @@ def _grid_search(stat: torch.Tensor, n_grid: int, loss_of: Callable[[torch.Tenso
     ratios: list[float] = []
     for i in range(n_grid):
         ratio = i * 1 / n_grid  # 1.0 itself is not on the grid
-        s = ratio_scales(stat, ratio)
+        s = _ratio_scales(stat, ratio)
         loss = loss_of(s)
         history.append(loss)
         ratios.append(ratio)
@@ -673,20 +685,21 @@ def search_clip(
                 org_out = (x4 * w).sum(dim=-1)  # (b, sampled, n_groups)
             for i_s in range(n_shrink):
                 max_val = org_max_val * (1 - i_s / n_grid)  # (b, 1, n_groups, 1)
-                cur_w = torch.clamp(w, -max_val, max_val)
-                q_w = _quantize_rows(cur_w.reshape(-1, gs), n_bits, zero_point)[0].reshape(cur_w.shape)
+                cur_w = torch.clamp(w, -max_val, max_val)  # a temporary: quantized in place
+                q_w = _quantize_rows(cur_w.reshape(-1, gs), n_bits, zero_point, inplace=True)[0]
+                q_w = q_w.reshape(cur_w.shape)  # (b, 1, n_groups, group_size)
                 if method == "reference":
                     cur_out = (x4 * q_w).sum(dim=-1)  # (b, sampled, n_groups)
                     err = (cur_out - org_out).pow(2).mean(dim=1).view(min_errs.shape)  # (b, 1, n_groups, 1)
                 else:
-                    delta = (q_w - w)[:, 0].permute(1, 2, 0)  # (n_groups, group_size, b)
+                    delta = q_w.sub_(w)[:, 0].permute(1, 2, 0)  # (n_groups, group_size, b): q(w) - w
                     diff = torch.bmm(xg, delta)  # (n_groups, sampled, b)
-                    err = diff.pow(2).mean(dim=1).t().reshape(min_errs.shape)  # (b, 1, n_groups, 1)
+                    err = diff.pow_(2).mean(dim=1).t().reshape(min_errs.shape)  # (b, 1, n_groups, 1)
                 if i_s == 0:
                     noclip_err = err.clone()
                 better = err < min_errs  # strict: a tie keeps the larger threshold found first
-                min_errs[better] = err[better]
-                best_max_val[better] = max_val[better]
+                min_errs = torch.where(better, err, min_errs)
+                best_max_val = torch.where(better, max_val, best_max_val)
             chunks.append((best_max_val, org_max_val, min_errs, noclip_err))
 
         def gather(k: int) -> torch.Tensor:

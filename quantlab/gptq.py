@@ -73,7 +73,7 @@ import torch
 import torch.nn as nn
 
 from quantlab._checks import check_float_tensor, check_group_size, check_int, check_n_bits, check_positive
-from quantlab.uniform import dequantize, minmax_params, quantize
+from quantlab.uniform import _minmax_params, dequantize, minmax_params, quantize
 
 __all__ = [
     "ADAPTERS",
@@ -284,7 +284,8 @@ def _group_params(W: torch.Tensor, n_bits: int, group_size: int, symmetric: bool
     out, n = W.shape
     n_groups = n // group_size
     grouped = W.reshape(out * n_groups, group_size)  # (out * n_groups, group_size)
-    scale, zero_point = minmax_params(grouped, n_bits, symmetric)  # (out * n_groups, 1) each
+    # No input checks: the callers checked W (the fit runs once per layer, or per block in GPTQ).
+    scale, zero_point = _minmax_params(grouped, 2**n_bits - 1, symmetric)  # (out * n_groups, 1) each
     return scale.reshape(out, n_groups), zero_point.reshape(out, n_groups)  # (out, n_groups) each
 
 
@@ -349,7 +350,7 @@ def _fix_dead(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     dead = torch.diag(H) == 0  # (in,)
     idx = dead.nonzero().flatten()
     H[idx, idx] = 1.0
-    W[:, dead] = 0.0
+    W.index_fill_(1, idx, 0.0)  # W[:, dead] = 0, without a boolean-mask pass when nothing is dead
     return dead
 
 
@@ -379,16 +380,26 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _round_to_grid(
-    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, maxq: int
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    maxq: int,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round one column ``w`` ``(out,)`` on its grid ``scale``, ``zero_point`` ``(out,)``: ``(codes, q)``.
 
     The arithmetic of :func:`quantlab.uniform.minmax_fake_quantize` (``clamp(round(w / s) + z, 0, maxq)``,
     then ``s * (codes - z)``), without its per-call input checks: GPTQ calls this once per column
-    (4096 times for a 4096-wide layer) on values already checked.
+    (4096 times for a 4096-wide layer) on values already checked. With ``out=(codes, q)`` the results
+    are written into those two ``(out,)`` tensors instead of new ones (the same operations, in place).
     """
-    codes = torch.clamp(torch.round(w / scale) + zero_point, 0, maxq)  # (out,)
-    return codes, scale * (codes - zero_point)  # (out,) each
+    if out is None:
+        codes = torch.clamp(torch.round(w / scale) + zero_point, 0, maxq)  # (out,)
+        return codes, scale * (codes - zero_point)  # (out,) each
+    codes, q = out
+    torch.div(w, scale, out=codes).round_().add_(zero_point).clamp_(0, maxq)
+    torch.sub(codes, zero_point, out=q).mul_(scale)  # (codes - z) * s == s * (codes - z), bit for bit
+    return codes, q
 
 
 def _pack_groups(
@@ -463,8 +474,10 @@ def gptq_quantize(
     out, n = W.shape
     maxq = 2**n_bits - 1
 
-    # Step 1: per-row grid on the original W (used only without groups).
-    scale, zero_point = minmax_params(W, n_bits, symmetric)  # (out, 1) each
+    # Step 1: per-row grid on the original W (only needed without groups).
+    if group_size is None:
+        scale, zero_point = _minmax_params(W, maxq, symmetric)  # (out, 1) each; W was checked above
+        row_params = (scale.flatten(), zero_point.flatten())  # (out,) each
     # Step 2: dead inputs.
     dead = _fix_dead(W, H)
     # Step 3: static groups, fitted before any permutation or update.
@@ -485,44 +498,66 @@ def gptq_quantize(
     Q = torch.zeros_like(W)  # (out, in), processing order until the end
     codes = torch.zeros_like(W)
     losses = torch.zeros_like(W)
-    row_params = (scale.flatten(), zero_point.flatten())  # (out,) each
+    if static is not None:  # group g's grid as two contiguous (out,) rows
+        static_grids = list(zip(static[0].t().contiguous(), static[1].t().contiguous(), strict=True))
     dynamic: list[tuple[torch.Tensor, torch.Tensor]] = []  # dynamic groups' params, processing order
     order = perm.tolist()
     watch = trace or callback is not None
     snapshots: list[GPTQStep] | None = [] if trace else None
     error_done = 0.0  # loss of the finished blocks, for snapshots only
 
-    # Step 7: blocks with lazy batch updates.
+    # Step 7: blocks with lazy batch updates. Inside a block we work on the *transposed* block
+    # (count, out): column i of the block is the contiguous row W1t[i], so reading, rounding and
+    # writing a column and the OBS update of the later columns all touch contiguous memory (this
+    # per-column loop is the hot path: one pass per input feature). Each number is still computed by
+    # the same float operations as in the (out, count) formulas, so the results are bit-identical to
+    # them and to the reference code (tests/test_gptq.py compares with a transcription of it).
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1 = W[:, i1:i2].clone()  # (out, count): receives the within-block updates
-        Q1 = torch.zeros_like(W1)
+        count = i2 - i1
+        W1t = W[:, i1:i2].t().contiguous()  # (count, out): receives the within-block updates
+        Q1t = torch.zeros_like(W1t)  # (count, out)
+        codes1t = torch.zeros_like(W1t)  # (count, out)
         U1 = U[i1:i2, i1:i2]  # (count, count)
         d1 = torch.diag(U1)  # (count,)
+        # Per-column views made once per block rather than indexed once per column: the block's
+        # columns, their codes and q (rows, (out,) each), U_qq (0-d) and U1 transposed, whose
+        # column slice U1t[i+1:, i:i+1] is U1[i, i+1:] standing up, (count-i-1, 1).
+        w_cols, code_cols, q_cols, d_cols = W1t.unbind(), codes1t.unbind(), Q1t.unbind(), d1.unbind()
+        U1t = U1.t()  # (count, count)
 
-        for i in range(i2 - i1):
-            col = i1 + i
-            if group_size is None:
-                s, z = row_params
-            elif static is not None:
-                g = order[col] // group_size
-                s, z = static[0][:, g], static[1][:, g]  # (out,) each
-            elif col % group_size == 0:
-                # Step 8: fitted on W (previous blocks' updates only), not on W1.
-                fit = minmax_params(W[:, col : col + group_size], n_bits, symmetric)  # (out, 1) each
+        # The grid of every column of the block, (out,) each.
+        if group_size is None:
+            grids = [row_params] * count
+        elif static is not None:
+            grids = [static_grids[order[col] // group_size] for col in range(i1, i2)]
+        else:
+            # Step 8: a group is fitted on W (previous blocks' updates only, not W1) when its first
+            # column is reached. W does not change while a block is processed (the block's updates
+            # go to W1t, the later columns get them after the block), so fitting every group that
+            # starts in this block now, before its first column, gives the same grid.
+            first = -(-i1 // group_size) * group_size  # the first group start >= i1 (ceiling division)
+            for start in range(first, i2, group_size):
+                fit = _minmax_params(W[:, start : start + group_size], maxq, symmetric)  # (out, 1) each
                 dynamic.append((fit[0].flatten(), fit[1].flatten()))
-                s, z = dynamic[-1]
-            w = W1[:, i]  # (out,), the column with every update so far
-            c, q = _round_to_grid(w, s, z, maxq)  # (out,) each
-            Q1[:, i] = q
-            codes[:, col] = c
-            err1 = (w - q) / d1[i]  # (out,)
-            # OBS update of the block's later columns. Column i itself is left at its pre-rounding
-            # value (the reference also updates it, to ~q, but never reads it again), so that W1 ends
-            # up holding every column as it was rounded, for the losses below.
-            W1[:, i + 1 :] -= err1.unsqueeze(1).matmul(U1[i, i + 1 :].unsqueeze(0))  # (out, count-i-1)
+            grids = [dynamic[col // group_size] for col in range(i1, i2)]
 
-            if watch:
+        for i in range(count):
+            col = i1 + i
+            s, z = grids[i]  # (out,) each
+            w = w_cols[i]  # (out,), the column with every update so far
+            c, q = _round_to_grid(w, s, z, maxq, out=(code_cols[i], q_cols[i]))  # (out,) each
+            err1 = torch.sub(w, q).div_(d_cols[i])  # (out,): (w - q) / U_qq
+            # OBS update of the block's later columns, W1[:, i+1:] -= err1 ⊗ U1[i, i+1:], done on the
+            # transposed rows. Every entry is one product U1[i, j] * err1[o], rounded once, then
+            # subtracted: the same two roundings as the reference's k=1 matrix product followed by
+            # -=. Column i itself is left at its pre-rounding value (the reference also updates it,
+            # to ~q, but never reads it again), so that W1t ends up holding every column as it was
+            # rounded, for the losses below.
+            W1t[i + 1 :].sub_(U1t[i + 1 :, i : i + 1] * err1)  # (count-i-1, out)
+
+            if watch:  # the slow path: snapshots use the (out, count) layout of the formulas
+                W1, Q1 = W1t.t().contiguous(), Q1t.t().contiguous()  # (out, count) each
                 diff = W1[:, : i + 1] - Q1[:, : i + 1]  # (out, i+1): w - q of the block's done columns
                 so_far = error_done + float((diff**2 / d1[: i + 1] ** 2).sum()) / 2
                 info = GPTQStep(
@@ -540,10 +575,14 @@ def gptq_quantize(
                 if callback is not None:
                     callback(info)
 
+        # Back to the (out, count) layout of W for the block's losses and lazy update: the matrix
+        # product below then sees the same memory layout as the reference's, hence rounds the same.
+        diff = (W1t - Q1t).t().contiguous()  # (out, count): W1 - Q1
         # Column-wise identical to computing them inside the loop, as the reference does.
-        Err1 = (W1 - Q1) / d1  # (out, count)
-        Losses1 = (W1 - Q1) ** 2 / d1**2  # (out, count)
-        Q[:, i1:i2] = Q1
+        Err1 = diff / d1  # (out, count)
+        Losses1 = diff**2 / d1**2  # (out, count)
+        Q[:, i1:i2] = Q1t.t()
+        codes[:, i1:i2] = codes1t.t()
         losses[:, i1:i2] = Losses1 / 2
         W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])  # (out, in - i2): the block's updates, at once
         if watch:
@@ -563,10 +602,11 @@ def gptq_quantize(
             group_scale = torch.stack([p[0] for p in dynamic], dim=1)  # (out, n_groups)
             group_zero = torch.stack([p[1] for p in dynamic], dim=1)  # (out, n_groups)
             g_idx = invperm // group_size  # (in,): position in processing order // group_size
-        scale_cols, zero_cols = group_scale[:, g_idx], group_zero[:, g_idx]  # (out, in) each
+        # index_select(1, idx) is W[:, idx], several times faster for a gather of whole columns.
+        scale_cols, zero_cols = group_scale.index_select(1, g_idx), group_zero.index_select(1, g_idx)
     return GPTQResult(
-        Q=Q[:, invperm],
-        codes=codes[:, invperm].to(_codes_dtype(n_bits)),
+        Q=Q.index_select(1, invperm),  # (out, in), back in the original column order
+        codes=codes.index_select(1, invperm).to(_codes_dtype(n_bits)),
         scale=scale_cols,
         zero_point=zero_cols,
         group_scale=group_scale,
@@ -577,7 +617,7 @@ def gptq_quantize(
         symmetric=symmetric,
         perm=perm,
         error=error,
-        losses=losses[:, invperm],
+        losses=losses.index_select(1, invperm),
         dead=dead,
         damp_value=damp_value,
         act_order=act_order,
@@ -606,7 +646,7 @@ def _snapshot(
     cur[:, i1 : i1 + i + 1] = Q1[:, : i + 1]
     cur[:, i1 + i + 1 : i2] = W1[:, i + 1 :]
     cur[:, i2:] = W[:, i2:] - Err1[:, : i + 1].matmul(U[i1 : i1 + i + 1, i2:])
-    return cur[:, invperm]
+    return cur.index_select(1, invperm)
 
 
 # -----------------------------------------------------------------------------

@@ -317,10 +317,19 @@ def minmax_params(
     (1.0, 1.0)
     """
     check_float_tensor(x, "x", ndim=2)
-    maxq = 2 ** check_n_bits(n_bits) - 1
+    return _minmax_params(x, 2 ** check_n_bits(n_bits) - 1, symmetric)
+
+
+def _minmax_params(x: torch.Tensor, maxq: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`minmax_params` without its input checks, for inner loops on values checked once.
+
+    GPTQ fits one grid per group of columns as it reaches the group (thousands of calls per model);
+    checking that the weights are finite every time cost about as much as the fit itself.
+    """
     zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    xmin = torch.minimum(x.min(dim=1).values, zeros)  # (rows,)
-    xmax = torch.maximum(x.max(dim=1).values, zeros)  # (rows,)
+    # amin/amax: the same values as min(dim=1).values, several times faster (no argmin to track).
+    xmin = torch.minimum(x.amin(dim=1), zeros)  # (rows,)
+    xmax = torch.maximum(x.amax(dim=1), zeros)  # (rows,)
     if symmetric:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)

@@ -331,6 +331,141 @@ def test_clip_search_max_shrink_zero_keeps_the_range_and_apply_clip_clamps_per_g
 
 
 # -----------------------------------------------------------------------------
+# The reference code (mit-han-lab/llm-awq, awq/quantize/{quantizer,auto_scale,auto_clip}.py), transcribed
+# line by line; quantlab's quantizer and searches must return bit-identical numbers.
+
+
+def _reference_pseudo_quantize_tensor(w, n_bit=8, zero_point=True, q_group_size=-1):
+    org_w_shape = w.shape
+    if q_group_size > 0:
+        assert org_w_shape[-1] % q_group_size == 0
+        w = w.reshape(-1, q_group_size)
+    assert w.dim() == 2
+    if zero_point:
+        max_val = w.amax(dim=1, keepdim=True)
+        min_val = w.amin(dim=1, keepdim=True)
+        max_int = 2**n_bit - 1
+        min_int = 0
+        scales = (max_val - min_val).clamp(min=1e-5) / max_int
+        zeros = (-torch.round(min_val / scales)).clamp_(min_int, max_int)
+    else:
+        max_val = w.abs().amax(dim=1, keepdim=True)
+        max_val = max_val.clamp(min=1e-5)
+        max_int = 2 ** (n_bit - 1) - 1
+        min_int = -(2 ** (n_bit - 1))
+        scales = max_val / max_int
+        zeros = 0
+    w = (torch.clamp(torch.round(w / scales) + zeros, min_int, max_int) - zeros) * scales
+    return w.reshape(org_w_shape)
+
+
+def _reference_auto_clip_layer(w, input_feat, n_bit, q_config, n_grid=20, max_shrink=0.5, n_sample_token=512):
+    group_size = q_config["q_group_size"] if q_config["q_group_size"] > 0 else w.shape[1]
+    input_feat = input_feat.view(-1, input_feat.shape[-1])
+    input_feat = input_feat.reshape(1, input_feat.shape[0], -1, group_size)
+    input_feat = input_feat[:, 0 :: input_feat.shape[1] // n_sample_token]
+    w = w.reshape(w.shape[0], 1, -1, group_size)
+    oc_batch_size = 256 if w.shape[0] % 256 == 0 else 64
+    assert w.shape[0] % oc_batch_size == 0
+    w_all = w
+    best_max_val_all = []
+    for i_b in range(w.shape[0] // oc_batch_size):
+        w = w_all[i_b * oc_batch_size : (i_b + 1) * oc_batch_size]
+        org_max_val = w.abs().amax(dim=-1, keepdim=True)
+        best_max_val = org_max_val.clone()
+        min_errs = torch.ones_like(org_max_val) * 1e9
+        org_out = (input_feat * w).sum(dim=-1)
+        for i_s in range(int(max_shrink * n_grid)):
+            max_val = org_max_val * (1 - i_s / n_grid)
+            min_val = -max_val
+            cur_w = torch.clamp(w, min_val, max_val)
+            q_w = _reference_pseudo_quantize_tensor(cur_w, n_bit=n_bit, **q_config)
+            cur_out = (input_feat * q_w).sum(dim=-1)
+            err = (cur_out - org_out).pow(2).mean(dim=1).view(min_errs.shape)
+            cur_best_idx = err < min_errs
+            min_errs[cur_best_idx] = err[cur_best_idx]
+            best_max_val[cur_best_idx] = max_val[cur_best_idx]
+        best_max_val_all.append(best_max_val)
+    best_max_val = torch.cat(best_max_val_all, dim=0)
+    return best_max_val.squeeze(1)
+
+
+@torch.no_grad()  # the reference's auto_scale_block is decorated so
+def _reference_search_module_scale(block, linears2scale, x, w_quantize_func):
+    with torch.no_grad():
+        org_out = block(x)
+    x_max = x.abs().view(-1, x.shape[-1]).mean(0)  # get_act_scale
+    best_error, best_ratio, best_scales = float("inf"), -1, None
+    n_grid = 20
+    history = []
+    org_sd = {k: v.cpu() for k, v in block.state_dict().items()}
+    for ratio in range(n_grid):
+        ratio = ratio * 1 / n_grid
+        scales = x_max.pow(ratio).clamp(min=1e-4).view(-1)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        for fc in linears2scale:
+            fc.weight.mul_(scales.view(1, -1))
+            fc.weight.data = w_quantize_func(fc.weight.data) / (scales.view(1, -1))
+        out = block(x)
+        loss = (org_out - out).float().pow(2).mean().item()
+        history.append(loss)
+        if loss < best_error:
+            best_error, best_ratio, best_scales = loss, ratio, scales
+        block.load_state_dict(org_sd)
+    return best_scales.view(-1).detach(), best_ratio, history
+
+
+@pytest.mark.parametrize(
+    "n_bits, group_size, zero_point", [(4, 32, True), (3, 64, True), (2, 256, True), (4, 32, False)]
+)
+def test_quantizer_and_clip_search_match_the_reference_code_bit_for_bit(n_bits, group_size, zero_point):
+    W, X, _ = heavy_tailed_layer(128, 256, 600, seed=n_bits)
+    W[0, :32] = W[0, :32].abs()  # an all-positive group: its zero-point is clamped
+    q_config = {"zero_point": zero_point, "q_group_size": group_size}
+    expected = _reference_pseudo_quantize_tensor(W, n_bits, **q_config)
+    assert torch.equal(awq_quantize(W, n_bits, group_size, zero_point), expected)
+    if group_size == W.shape[1]:  # one group per row, the reference's q_group_size=-1
+        assert torch.equal(
+            awq_quantize(W, n_bits, -1), _reference_pseudo_quantize_tensor(W, n_bits, True, -1)
+        )
+    expected = _reference_auto_clip_layer(W, X, n_bits, q_config, n_sample_token=256)
+    for method in ("reference", "matmul"):
+        res = search_clip(W, X, n_bits, group_size, n_sample_tokens=256, zero_point=zero_point, method=method)
+        if method == "reference":
+            assert torch.equal(res, expected.reshape(res.shape))
+        else:  # other float sums: the same thresholds but for near-ties
+            assert (res == expected.reshape(res.shape)).float().mean() > 0.95
+
+
+class _GatedMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("n_bits, group_size", [(4, 32), (3, 64)])
+def test_block_scale_search_matches_the_reference_code_bit_for_bit(n_bits, group_size):
+    torch.manual_seed(7)
+    mlp = _GatedMLP(128, 192)
+    _, X, _ = heavy_tailed_layer(8, 128, 256, seed=n_bits)
+    X = X.reshape(2, 128, 128)
+    reference_mlp = copy.deepcopy(mlp)
+    scales, ratio, history = _reference_search_module_scale(
+        reference_mlp,
+        [reference_mlp.gate, reference_mlp.up],
+        X,
+        lambda w: _reference_pseudo_quantize_tensor(w, n_bits, zero_point=True, q_group_size=group_size),
+    )
+    res = search_block_scales([mlp.gate, mlp.up], X, mlp, n_bits, group_size, n_grid=20)
+    assert res.loss_history == history and res.best_ratio == ratio and torch.equal(res.scales, scales)
+
+
+# -----------------------------------------------------------------------------
 # Ablation helpers
 
 

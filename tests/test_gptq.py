@@ -150,6 +150,141 @@ def test_dynamic_groups_are_fitted_on_the_stale_block():
     assert torch.equal(fresh.codes, gptq_quantize_reference(W, H, group_size=32).codes)
 
 
+# The reference code (IST-DASLab/gptq, quant.py and GPTQ.fasterquant), transcribed line by line on plain
+# tensors; only ``maxq`` is a Python int instead of a 0-d tensor. gptq_quantize computes the same
+# numbers in another memory layout, so its Q and error must be bit-identical to these.
+
+
+class _ReferenceQuantizer:
+    """quant.py ``Quantizer`` in per-channel weight mode (``perchannel=True, mse=False``)."""
+
+    def __init__(self, bits: int, sym: bool) -> None:
+        self.maxq, self.sym = 2**bits - 1, sym
+
+    def find_params(self, x: torch.Tensor) -> None:
+        tmp = torch.zeros(x.shape[0])
+        xmin = torch.minimum(x.min(1)[0], tmp)
+        xmax = torch.maximum(x.max(1)[0], tmp)
+        if self.sym:
+            xmax = torch.maximum(torch.abs(xmin), xmax)
+            tmp = xmin < 0
+            if torch.any(tmp):
+                xmin[tmp] = -xmax[tmp]
+        tmp = (xmin == 0) & (xmax == 0)
+        xmin[tmp] = -1
+        xmax[tmp] = +1
+        self.scale = (xmax - xmin) / self.maxq
+        if self.sym:
+            self.zero = torch.full_like(self.scale, (self.maxq + 1) / 2)
+        else:
+            self.zero = torch.round(-xmin / self.scale)
+        self.scale = self.scale.reshape(-1, 1)
+        self.zero = self.zero.reshape(-1, 1)
+
+
+def _reference_quantize(x, scale, zero, maxq):
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+def _reference_fasterquant(W, H, bits, groupsize=-1, sym=False, actorder=False, static_groups=False,
+                           blocksize=128, percdamp=0.01):  # fmt: skip
+    W = W.clone().float()
+    H = H.clone()
+    columns = W.shape[1]
+    quantizer = _ReferenceQuantizer(bits, sym)
+    quantizer.find_params(W)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if static_groups:
+        groups = []
+        for i in range(0, columns, groupsize):
+            quantizer_g = copy.deepcopy(quantizer)
+            quantizer_g.find_params(W[:, i : (i + groupsize)])
+            groups.append(quantizer_g)
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        invperm = torch.argsort(perm)
+    Losses = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns)
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    H = torch.linalg.cholesky(H, upper=True)
+    Hinv = H
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if groupsize != -1:
+                if not static_groups:
+                    if (i1 + i) % groupsize == 0:
+                        quantizer.find_params(W[:, (i1 + i) : (i1 + i + groupsize)])
+                else:
+                    idx = i1 + i
+                    if actorder:
+                        idx = perm[idx]
+                    quantizer = groups[idx // groupsize]
+            q = _reference_quantize(w.unsqueeze(1), quantizer.scale, quantizer.zero, quantizer.maxq).flatten()
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d**2
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        Q[:, i1:i2] = Q1
+        Losses[:, i1:i2] = Losses1 / 2
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    if actorder:
+        Q = Q[:, invperm]
+    return Q, torch.sum(Losses).item()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(n_bits=4),
+        dict(n_bits=3, symmetric=True, act_order=True, block_size=16),
+        dict(n_bits=4, group_size=32),  # dynamic groups, each starting a block
+        dict(n_bits=2, group_size=16, block_size=40),  # groups starting mid-block: the stale fit
+        dict(n_bits=4, group_size=32, act_order=True, block_size=24),
+        dict(n_bits=3, group_size=32, static_groups=True, act_order=True, block_size=48),
+        dict(n_bits=8, group_size=32, symmetric=True, static_groups=True),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("shape", [(24, 128), (300, 96)], ids=str)
+def test_matches_the_reference_code_bit_for_bit(config, shape):
+    out, n = shape
+    W, H, _ = layer(out, n, 256, seed=out + n, dead=(5,))
+    W[0] *= 40  # a row with a wide grid
+    Q_ref, error_ref = _reference_fasterquant(
+        W,
+        H,
+        config["n_bits"],
+        groupsize=config.get("group_size") or -1,
+        sym=config.get("symmetric", False),
+        actorder=config.get("act_order", False),
+        static_groups=config.get("static_groups", False),
+        blocksize=config.get("block_size", 128),
+    )
+    r = gptq_quantize(W, H, **config)
+    assert torch.equal(r.Q, Q_ref) and r.error == error_ref
+    traced = gptq_quantize(W, H, **config, trace=True)  # the snapshot path computes the same numbers
+    assert torch.equal(traced.Q, Q_ref) and traced.error == error_ref and torch.equal(traced.codes, r.codes)
+
+
 def test_identity_hessian_is_round_to_nearest():
     # With H = I there is nothing to compensate with: GPTQ is RTN on the same grid.
     W, _, _ = layer(16, 64, 8, 5)
@@ -269,6 +404,10 @@ def test_round_to_grid_is_the_uniform_quantizer():
     expected = quantize(w.unsqueeze(1), scale.unsqueeze(1), zero.unsqueeze(1), 0, 15)  # (1000, 1)
     assert torch.equal(codes, expected.flatten())
     assert torch.equal(q, dequantize(expected, scale.unsqueeze(1), zero.unsqueeze(1)).flatten())
+    out = (torch.empty(1000), torch.empty(1000))  # the in-place variant of the blocked loop
+    codes_out, q_out = _round_to_grid(w, scale, zero, 15, out=out)
+    assert codes_out is out[0] and q_out is out[1]
+    assert torch.equal(codes_out, codes) and torch.equal(q_out, q)
 
 
 # -----------------------------------------------------------------------------
