@@ -29,6 +29,21 @@ def strip_volatile(nb: nbformat.NotebookNode) -> None:
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         cell.metadata.pop("collapsed", None)
+        if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
+
+
+def merge_streams(outputs: list) -> list:
+    """Join consecutive stream outputs of the same stream (prints that arrived one by one) into one."""
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if out.output_type == "stream" and prev is not None and prev.output_type == "stream":
+            if prev.name == out.name:
+                prev.text += out.text
+                continue
+        merged.append(out)
+    return merged
 
 
 def leaked_paths(nb: nbformat.NotebookNode) -> list[str]:
