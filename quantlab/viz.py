@@ -522,14 +522,19 @@ class Explorer:
             for upd in layouts:
                 upd["annotations"] = list(upd["annotations"]) + annotations
             layout["annotations"] = list(layout.get("annotations", [])) + annotations
+            # The title goes to the top of the figure, above the rows of buttons: Plotly's default
+            # places it in the middle of the top margin, beside (or on) the buttons.
+            title = layout.get("title") or {}
+            title = {"text": title} if isinstance(title, str) else dict(title)
+            layout["title"] = {**title, "y": 1.0, "yref": "container", "yanchor": "top", "pad": {"t": 14}}
         margin = dict(layout.get("margin", {}))
-        margin["t"] = max(margin.get("t", 60), 70) + (36 * len(menus) + 20 if menus else 0)
+        margin["t"] = max(margin.get("t", 60), 70) + (36 * len(menus) + 30 if menus else 0)
         margin["b"] = max(margin.get("b", 50), 50) + 80 * len(sliders)
         margin["l"] = max(margin.get("l", 60), 90 if menus else 60)
         layout["margin"] = margin
         layout["height"] = (
             (layout.get("height") or _DEFAULT_HEIGHT)
-            + (36 * len(menus) + 20 if menus else 0)
+            + (36 * len(menus) + 30 if menus else 0)
             + 80 * len(sliders)
         )
         if sliders:

@@ -162,6 +162,16 @@ def test_explorer_with_two_parameters_combines_controls_in_a_script():
     assert len(data) == len(fig["data"]) and layout["updatemenus"][0]["active"] == 0
 
 
+def test_buttons_sit_below_the_title():
+    ex = viz.explorer(_compute, {"n_bits": [2, 3], "mode": ["sym", "asym"]})
+    fig, _ = ex.static_figure()
+    title, (menu,) = fig["layout"]["title"], fig["layout"]["updatemenus"]
+    assert title["text"] == "2 bits sym"
+    assert (title["yref"], title["y"], title["yanchor"]) == ("container", 1.0, "top")
+    # the buttons hang above the plot area by their pad; the title needs ~40 px above them
+    assert fig["layout"]["margin"]["t"] >= menu["pad"]["b"] + 40
+
+
 def test_explorer_validates_its_arguments():
     with pytest.raises(ValueError, match="non-empty dict"):
         viz.explorer(_compute, {})
