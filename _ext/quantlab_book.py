@@ -78,16 +78,22 @@ def _on_build_finished(app, exc) -> None:
 class BuildReport(SphinxDirective):
     """Render ``_build/build_report.json`` (written by ``tools/build_book.py --execute``) as a table."""
 
+    def _markdown(self, lines: list[str]) -> list:
+        # the directive is used in a MyST page, whose nested content is parsed as Markdown
+        container = nodes.container()
+        self.state.nested_parse(StringList(lines), self.content_offset, container)
+        return container.children
+
     def run(self):
         if self.config.nb_execution_mode == "off":
-            text = ("This copy of the site was rendered from the outputs committed with the labs "
-                    "(`make test`'s book check), so no lab was executed while building it.")
-            return [nodes.paragraph(text=text)]
+            return self._markdown([
+                "This copy of the site was rendered from the outputs committed with the labs (the book "
+                "check of `make test`), so no lab was executed while building it."
+            ])
         path = Path(self.env.srcdir) / "_build" / "build_report.json"
         if not path.is_file():
-            return [nodes.paragraph(text="No build report: build the book with `make book`.")]
+            return self._markdown(["No build report: build the book with `make book`."])
         report = json.loads(path.read_text())
-        # the directive is used in a MyST page, whose nested content is parsed as Markdown
         rows = ["| lab | this build | execution time (s) |", "|---|---|---:|"]
         for name, lab in report["labs"].items():
             seconds = lab.get("seconds")
@@ -103,10 +109,7 @@ class BuildReport(SphinxDirective):
         if report.get("previous_total_wall_s"):
             lines += [f"The previous `make book` in this folder took {report['previous_total_wall_s']:.0f} s "
                       "in all (execution and rendering).", ""]
-        lines += rows
-        container = nodes.container()
-        self.state.nested_parse(StringList(lines), self.content_offset, container)
-        return container.children
+        return self._markdown(lines + rows)
 
 
 def _always_reread_status(app, env, added, changed, removed):
